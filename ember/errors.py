@@ -7,7 +7,7 @@ fix it. The CLI maps :class:`ConfigError` to exit code 2 and every other
 
 from __future__ import annotations
 
-__all__ = ["EmberError", "ConfigError", "DeviceError", "DataError", "CheckpointError"]
+__all__ = ["EmberError", "ConfigError", "DeviceError", "DataError", "CheckpointError", "RunInterrupted"]
 
 
 class EmberError(Exception):
@@ -28,3 +28,17 @@ class DataError(EmberError):
 
 class CheckpointError(EmberError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the model."""
+
+
+class RunInterrupted(EmberError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint of the current iteration.
+
+    Attributes:
+        signum: the signal that stopped the run (the CLI exits with ``128 + signum``).
+        run_dir: the run folder to resume, when there is one.
+    """
+
+    def __init__(self, message: str, *, signum: int, run_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.run_dir = run_dir

@@ -1,0 +1,184 @@
+"""The ``ember`` command: parse, call the experiment, map errors to exit codes.
+
+Exit codes: 0 success; 2 usage or config error; 1 runtime error; 128 + signal
+number (130 for SIGINT, 143 for SIGTERM) when a run was interrupted after saving a
+checkpoint. Errors print one ``error:`` line; ``--debug`` adds the traceback.
+torch is imported only by the commands that need it, so ``--help`` and
+``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ember import __version__
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = """\
+examples:
+  ember train                                   # small_cnn on digits (the built-in default)
+  ember train configs/shapes_alexnet.yaml trainer.max_epochs=3 data.batch_size=32
+  ember train --resume runs/digits-cnn/20261204-101500 trainer.max_epochs=20
+  ember evaluate runs/digits-cnn/20261204-101500 --split test
+  ember extract runs/digits-cnn/20261204-101500 --layer features --output feats.npy
+  tensorboard --logdir runs
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ember",
+        description="Train and evaluate image classifiers on pytorch-ignite.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    train = commands.add_parser(
+        "train",
+        help="train from a YAML config (default: small_cnn on digits)",
+        description="Train from a YAML config with key=value overrides (dotted keys, YAML values).",
+    )
+    train.add_argument(
+        "args", nargs="*", metavar="[CONFIG] key=value",
+        help="optional YAML config file, then overrides such as trainer.max_epochs=5",
+    )
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where it stopped")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a run folder or checkpoint on a split")
+    evaluate.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
+    evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
+
+    extract = commands.add_parser("extract", help="write the features of a layer to a file")
+    extract.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    extract.add_argument("overrides", nargs="*", metavar="key=value")
+    extract.add_argument("--layer", required=True, help="dotted module path, e.g. features or classifier.4")
+    extract.add_argument("--split", default="test", help="train, val or test (default: test)")
+    extract.add_argument("--output", required=True, help="a .pt or .npy file, or a folder for streamed .npy")
+    extract.add_argument("--pool", default=None, choices=["avg", "flatten"], help="shrink each feature map")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    commands.add_parser("models", help="list the models ember can build")
+    commands.add_parser("datasets", help="list the data sets ember can load")
+    return parser
+
+
+def _split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from ember import experiment
+
+    config, overrides = _split_config_and_overrides(ns.args)
+    if ns.resume and config is not None:
+        from ember.errors import ConfigError
+
+        raise ConfigError(
+            f"--resume continues the run with its own config; got a CONFIG file {config!r} as well. "
+            "Give only key=value overrides"
+        )
+    summary = experiment.run(config, overrides, resume=ns.resume)
+    print(f"run folder: {summary['run_dir']}")
+    test = summary.get("test_metrics") or {}
+    if test:
+        print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+    return 0
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from ember import experiment
+
+    metrics = experiment.evaluate(ns.target, split=ns.split, overrides=ns.overrides)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _extract(ns: argparse.Namespace) -> int:
+    from ember import experiment
+
+    path = experiment.extract(
+        ns.target, layer=ns.layer, split=ns.split, output=ns.output, pool=ns.pool,
+        overwrite=ns.overwrite, overrides=ns.overrides,
+    )
+    print(f"features: {path}")
+    return 0
+
+
+def _models(ns: argparse.Namespace) -> int:
+    from ember.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def _datasets(ns: argparse.Namespace) -> int:
+    from ember.data import list_datasets
+
+    print("\n".join(list_datasets()))
+    return 0
+
+
+_COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "extract": _extract,
+    "models": _models,
+    "datasets": _datasets,
+}
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("ember").setLevel(logging.INFO)
+    # ignite logs every engine start/stop at INFO; ember's own lines say what matters
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ember`` command; returns the exit code."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _configure_logging()
+    from ember.errors import ConfigError, EmberError, RunInterrupted
+
+    try:
+        return _COMMANDS[ns.command](ns)
+    except RunInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except ConfigError as err:
+        _report(err, ns.debug)
+        return 2
+    except EmberError as err:
+        _report(err, ns.debug)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure ember did not foresee: still one line, unless --debug
+        _report(err, ns.debug, unexpected=True)
+        return 1
+
+
+def _report(err: BaseException, debug: bool, *, unexpected: bool = False) -> None:
+    if debug:
+        traceback.print_exc()
+    message = " ".join(str(err).split()) or type(err).__name__
+    if unexpected:
+        message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
