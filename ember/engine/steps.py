@@ -19,7 +19,16 @@ from torch import nn
 
 from ember.errors import ConfigError
 
-__all__ = ["train_step", "eval_step", "AMP_MODES", "model_device", "make_grad_scaler"]
+__all__ = [
+    "train_step",
+    "eval_step",
+    "AMP_MODES",
+    "amp_dtype",
+    "autocast",
+    "default_prepare_batch",
+    "model_device",
+    "make_grad_scaler",
+]
 
 AMP_MODES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,7 +45,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_amp(amp: str | None) -> torch.dtype | None:
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting (None, "bf16", "fp16"); None for full precision."""
     if amp is None or amp in ("none", "fp32", False):
         return None
     if amp not in AMP_MODES:
@@ -46,20 +56,22 @@ def _check_amp(amp: str | None) -> torch.dtype | None:
 
 def make_grad_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 autocast (bf16 and fp32 need none)."""
-    if _check_amp(amp) is not torch.float16:
+    if amp_dtype(amp) is not torch.float16:
         return None
     return torch.amp.GradScaler(device.type)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on the device's type, or a no-op for None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _default_prepare_batch(
+def default_prepare_batch(
     batch: Any, device: torch.device, non_blocking: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move an ``(inputs, targets, ...)`` batch to ``device``."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ConfigError(
             "A batch should be a (inputs, targets) pair as a DataLoader of (image, label) "
@@ -76,7 +88,7 @@ def _resolve(
     model: nn.Module, device: str | torch.device | None, prepare_batch: PrepareBatch | None
 ) -> tuple[torch.device, PrepareBatch]:
     resolved = model_device(model) if device is None else torch.device(device)
-    return resolved, prepare_batch or _default_prepare_batch
+    return resolved, prepare_batch or default_prepare_batch
 
 
 def _to_channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -129,7 +141,7 @@ def train_step(
         raise ConfigError(
             f"Argument `clip_grad_norm` should be a positive number or None, got {clip_grad_norm!r}"
         )
-    dtype = _check_amp(amp)
+    dtype = amp_dtype(amp)
     resolved, prepare = _resolve(model, device, prepare_batch)
 
     def step(engine: Engine, batch: Any) -> StepOutput:
@@ -139,7 +151,7 @@ def train_step(
             optimizer.zero_grad()
         x, y = prepare(batch, resolved, non_blocking)
         x = _to_channels_last(x, channels_last)
-        with _autocast(resolved, dtype):
+        with autocast(resolved, dtype):
             y_pred = model(x)
             loss = loss_fn(y_pred, y)
         scaled = loss / grad_accum if grad_accum > 1 else loss
@@ -196,14 +208,14 @@ def eval_step(
     Returns:
         ``step(engine, batch) -> {"y_pred", "y", "pred"[, "loss"]}``.
     """
-    dtype = _check_amp(amp)
+    dtype = amp_dtype(amp)
     resolved, prepare = _resolve(model, device, prepare_batch)
 
     def step(engine: Engine, batch: Any) -> StepOutput:
         model.eval()
         # inference_mode rather than no_grad: no version counters or view tracking.
         # The outputs are read by metrics and handlers, never used for autograd.
-        with torch.inference_mode(), _autocast(resolved, dtype):
+        with torch.inference_mode(), autocast(resolved, dtype):
             x, y = prepare(batch, resolved, non_blocking)
             y_pred = model(_to_channels_last(x, channels_last))
             output = {"y_pred": y_pred, "y": y, "pred": y_pred.argmax(dim=1)}
