@@ -92,24 +92,24 @@ def _train(ns: argparse.Namespace) -> int:
         )
     summary = experiment.run(config, overrides, resume=ns.resume)
     print(f"run folder: {summary['run_dir']}")
-    test = summary.get("test_metrics") or {}
+    test = summary.get("test") or {}
     if test:
         print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     return 0
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
-    from ember import experiment
+    from ember import from_checkpoint
 
-    metrics = experiment.evaluate(ns.target, split=ns.split, overrides=ns.overrides)
+    metrics = from_checkpoint.evaluate(ns.target, split=ns.split, overrides=ns.overrides)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _extract(ns: argparse.Namespace) -> int:
-    from ember import experiment
+    from ember import from_checkpoint
 
-    path = experiment.extract(
+    path = from_checkpoint.extract(
         ns.target, layer=ns.layer, split=ns.split, output=ns.output, pool=ns.pool,
         overwrite=ns.overwrite, overrides=ns.overrides,
     )

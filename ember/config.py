@@ -45,6 +45,7 @@ PARALLEL = ("auto", "none", "dp", "ddp")
 SPLITS = ("train", "val", "test")
 BACKENDS = (None, "gloo", "nccl")
 POOLS = (None, "avg", "flatten")
+METRICS = ("accuracy", "loss")  # what the evaluators compute; checkpoint.metric picks one
 
 
 @dataclass
@@ -334,6 +335,7 @@ def validate(config: Config) -> None:
         "a non-empty list of GPU ids or null",
         t.device_ids,
     )
+    _one_of("checkpoint.metric", c.checkpoint.metric, METRICS)
     _check(c.checkpoint.n_saved >= 1, "checkpoint.n_saved", "at least 1", c.checkpoint.n_saved)
     _check(
         c.checkpoint.every_iters is None or c.checkpoint.every_iters >= 1,

@@ -91,6 +91,27 @@ def _resolve(
     return resolved, prepare_batch or default_prepare_batch
 
 
+# ``train`` methods that only set the ``training`` flags (DDP's calls Module.train and
+# returns self). A module whose class overrides ``train`` otherwise (to keep BatchNorm
+# frozen, say) always gets the real call.
+_PLAIN_TRAIN = (nn.Module.train, nn.parallel.DistributedDataParallel.train)
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, skipped when it would change nothing.
+
+    ``Module.train`` writes the flag of every sub-module through ``nn.Module.__setattr__``,
+    about 1.5 µs per module (30 µs for small_cnn, 280 µs for a ResNet-50) on every step;
+    reading the flags costs a fifth of that. The result is the same as calling it
+    every step, as the classic loop does: a model that a handler (an evaluator, a
+    feature extractor) left wholly or partly in the other mode is switched back.
+    """
+    for module in model.modules():
+        if module.training is not training or type(module).train not in _PLAIN_TRAIN:
+            model.train(training)
+            return
+
+
 def _to_channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
     if enabled and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
@@ -145,7 +166,7 @@ def train_step(
     resolved, prepare = _resolve(model, device, prepare_batch)
 
     def step(engine: Engine, batch: Any) -> StepOutput:
-        model.train()
+        _set_mode(model, True)
         first_of_window = (engine.state.iteration - 1) % grad_accum == 0
         if first_of_window:
             optimizer.zero_grad()
@@ -212,7 +233,7 @@ def eval_step(
     resolved, prepare = _resolve(model, device, prepare_batch)
 
     def step(engine: Engine, batch: Any) -> StepOutput:
-        model.eval()
+        _set_mode(model, False)
         # inference_mode rather than no_grad: no version counters or view tracking.
         # The outputs are read by metrics and handlers, never used for autograd.
         with torch.inference_mode(), autocast(resolved, dtype):

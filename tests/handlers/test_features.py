@@ -294,7 +294,7 @@ def test_extraction_runs_in_eval_mode_and_restores_modes(images):
     # rows are ordinary tensors: they can feed a linear probe with autograd
     rows = result.features["features"].flatten(1)
     assert not rows.is_inference()
-    nn.Linear(8, 2)(rows).sum().backward()
+    nn.Linear(rows.shape[1], 2)(rows).sum().backward()
 
 
 def test_bf16_autocast_stores_float32_rows(alexnet, images):
