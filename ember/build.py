@@ -8,13 +8,13 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.utils import manual_seed
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ember.config import Config
-from ember.data import Loaders, get_loaders
+from ember.data import Loaders, ShardSampler, get_loaders
 from ember.engine import create_evaluator, create_trainer, prepare_model, resolve_device
 from ember.engine.optim import build_optimizer
 from ember.models import get_model
@@ -64,17 +64,21 @@ def _seed(config: Config) -> None:
 
 
 def _train_eval_loader(loaders: Loaders, size: int, batch_size: int) -> DataLoader | None:
-    """A fixed subset of the train split, evaluated each epoch like val."""
+    """A fixed subset of the train split, evaluated each epoch like val (sharded under DDP)."""
     dataset = loaders.train.dataset
     if size == 0:
         return None
     size = min(size, len(dataset))
     generator = torch.Generator().manual_seed(0)
     indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values.tolist()
+    subset = Subset(dataset, indices)
+    world, rank = idist.get_world_size(), idist.get_rank()
+    sampler = ShardSampler(subset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     return DataLoader(
-        Subset(dataset, indices),
+        subset,
         batch_size=batch_size,
         shuffle=False,
+        sampler=sampler,
         num_workers=loaders.val.num_workers,
         pin_memory=loaders.val.pin_memory,
     )
@@ -133,9 +137,13 @@ def build_experiment(config: Config) -> Experiment:
         clip_grad_norm=t.clip_grad_norm,
         channels_last=t.channels_last,
     )
+    sampler = loaders.train.sampler
+    if isinstance(sampler, DistributedSampler):
+        # a new shuffle each epoch, the same on every rank (ignite leaves this to the user)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
     eval_loaders = {"val": loaders.val}
     train_eval = _train_eval_loader(loaders, d.train_eval_size, d.eval_batch_size)
-    if train_eval is not None and not distributed:
+    if train_eval is not None:
         eval_loaders = {"train": train_eval, **eval_loaders}
     evaluators = {
         split: create_evaluator(

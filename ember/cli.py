@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -140,20 +139,13 @@ _COMMANDS = {
 }
 
 
-def _configure_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("ember").setLevel(logging.INFO)
-    # ignite logs every engine start/stop at INFO; ember's own lines say what matters
-    logging.getLogger("ignite").setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ember`` command; returns the exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    _configure_logging()
+    from ember.logs import configure_logging
+
+    configure_logging()
     from ember.errors import ConfigError, EmberError, RunInterrupted
 
     try:

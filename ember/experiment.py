@@ -7,6 +7,7 @@ This is the only module that wires engines and handlers together.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from collections.abc import Mapping, Sequence
@@ -18,10 +19,11 @@ import ignite.distributed as idist
 import yaml
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ember.build import Experiment, build_experiment
 from ember.config import Config, config_to_dict, load_config
+from ember.distributed import launch, launched_by_torchrun, resolve_backend, wants_distributed
 from ember.engine import create_evaluator
 from ember.engine.optim import attach_lr_scheduler
 from ember.errors import CheckpointError, ConfigError, RunInterrupted
@@ -33,6 +35,7 @@ from ember.handlers.nonfinite import attach_nonfinite_guard
 from ember.handlers.progress import attach_progress
 from ember.handlers.records import RunRecorder
 from ember.handlers.tensorboard import attach_tensorboard, log_hparams
+from ember.logs import configure_logging
 from ember.run_folder import (
     CONFIG_FILE,
     checkpoint_dir,
@@ -136,8 +139,40 @@ def run(
         if config is not None:
             raise ConfigError("Give either `config` or `resume`: a resumed run keeps its own config")
         cfg, run_dir, last = _resume_target(resume, overrides)
-        return _train(cfg, run_dir=run_dir, resume_from=last)
-    return _train(load_config(config, overrides), run_dir=None, resume_from=None)
+    else:
+        cfg, run_dir, last = load_config(config, overrides), None, None
+    if wants_distributed(cfg):
+        return _train_distributed(cfg, run_dir=run_dir, resume_from=last)
+    return _train(cfg, run_dir=run_dir, resume_from=last)
+
+
+def _train_distributed(config: Config, *, run_dir: Path | None, resume_from: Path | None) -> dict[str, Any]:
+    """Spawn (or, under torchrun, join) the processes; rank 0 writes the summary."""
+    resolve_backend(config)  # a wrong backend is refused before any folder or process exists
+    if launched_by_torchrun():
+        result: dict[str, Any] = {}
+        launch(_rank_worker, config, run_dir, resume_from, result)
+        return result
+    created = run_dir is None
+    if created:
+        run_dir = create_run_dir(config.output_dir, config.name)
+    try:
+        launch(_rank_worker, config, run_dir, resume_from, None)
+    except BaseException:
+        if created:
+            remove_failed_run_dir(run_dir)
+        raise
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return summary
+
+
+def _rank_worker(
+    local_rank: int, config: Config, run_dir: Path | None, resume_from: Path | None, result: dict | None
+) -> None:
+    configure_logging(rank=idist.get_rank())  # a spawned process starts unconfigured
+    summary = _train(config, run_dir=run_dir, resume_from=resume_from)
+    if result is not None:
+        result.update(summary)
 
 
 @dataclass
@@ -248,9 +283,11 @@ def _extract_features(exp: Experiment, run_dir: Path, tb_dir: Path | None) -> st
     f = exp.config.features
     if f.layer is None:
         return None
-    loader = {"train": exp.loaders.train, "val": exp.loaders.val, "test": exp.loaders.test}[f.split]
-    if f.split == "train":
-        loader = DataLoader(loader.dataset, batch_size=exp.config.data.eval_batch_size, shuffle=False)
+    dataset = {"train": exp.loaders.train, "val": exp.loaders.val, "test": exp.loaders.test}[f.split].dataset
+    # in dataset order; under DDP each rank extracts a DistributedSampler shard (padded to
+    # equal shards, which extraction gathers and de-duplicates) and every rank gets all rows
+    sampler = DistributedSampler(dataset, shuffle=False) if idist.get_world_size() > 1 else None
+    loader = DataLoader(dataset, batch_size=exp.config.data.eval_batch_size, shuffle=False, sampler=sampler)
     output = run_dir / "features"
     result = extract_features(exp.model, loader, f.layer, device=exp.device, pool=f.pool, output=output)
     if tb_dir is not None and idist.get_rank() == 0 and result is not None:
@@ -264,7 +301,7 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
     exp = build_experiment(config)  # a mistake found here leaves no run folder behind
     created = run_dir is None
     if created:
-        run_dir = create_run_dir(config.output_dir, config.name)
+        run_dir = _new_run_dir(config)
     log_handler = None
     try:
         _write_config(config, run_dir)
@@ -276,6 +313,7 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
         exp.trainer.run(exp.loaders.train, max_epochs=config.trainer.max_epochs)
         if handlers.interrupt.signum is not None:
             raise _interrupted(handlers, run_dir)
+        idist.barrier()  # rank 0 has written the best checkpoint every rank loads next
         test_metrics = _test_with_best(exp, handlers)
         tb_dir = run_dir / "tensorboard" if handlers.tensorboard is not None else None
         features = _extract_features(exp, run_dir, tb_dir)
@@ -297,13 +335,21 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
         logger.info("test | %s", "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
         return summary
     except BaseException:
-        if created and exp.trainer.state.iteration == 0:
+        if created and exp.trainer.state.iteration == 0 and idist.get_rank() == 0:
             remove_failed_run_dir(run_dir)
         raise
     finally:
         if log_handler is not None:
             logging.getLogger("ember").removeHandler(log_handler)
             log_handler.close()
+
+
+def _new_run_dir(config: Config) -> Path:
+    """A new run folder; with several processes rank 0 makes it and tells the others."""
+    if idist.get_world_size() == 1:
+        return create_run_dir(config.output_dir, config.name)
+    path = str(create_run_dir(config.output_dir, config.name)) if idist.get_rank() == 0 else ""
+    return Path(idist.broadcast(path, src=0))
 
 
 def _log_start(exp: Experiment, run_dir: Path) -> None:

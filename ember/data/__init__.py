@@ -18,13 +18,14 @@ Example:
 from __future__ import annotations
 
 from ember.data.info import DatasetInfo
-from ember.data.loaders import Loaders, get_loaders, get_split_loader
+from ember.data.loaders import Loaders, ShardSampler, get_loaders, get_split_loader
 from ember.data.registry import SPLITS, get_dataset, list_datasets, register_dataset
 
 __all__ = [
     "SPLITS",
     "DatasetInfo",
     "Loaders",
+    "ShardSampler",
     "get_dataset",
     "get_loaders",
     "get_split_loader",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,8 @@ def get_loaders(
         distributed: shard every split over the processes of ``ignite.distributed``
             with a ``DistributedSampler``. The trainer must call
             ``loaders.train.sampler.set_epoch(epoch)`` each epoch for a new order.
-            Eval splits are padded to a multiple of the world size.
+            Eval splits are sharded without padding (:class:`ShardSampler`), so metrics
+            reduced over the ranks count every sample once.
         **dataset_kwargs: options of the data set, e.g. ``image_size``.
 
     Returns:
@@ -166,6 +168,22 @@ def get_split_loader(
     )
 
 
+class ShardSampler(DistributedSampler):
+    """A ``DistributedSampler`` for evaluation that does not pad.
+
+    ``DistributedSampler`` repeats samples so that every rank gets as many; metrics
+    reduced over the ranks would then count those samples twice. Here rank r gets
+    samples r, r + world, r + 2 world, ... in order, and ranks may differ by one
+    sample: metric sums over all ranks equal those of one process exactly.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 def _loader(
     dataset: Dataset,
     *,
@@ -178,13 +196,9 @@ def _loader(
 ) -> DataLoader:
     sampler = None
     if distributed:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=idist.get_world_size(),
-            rank=idist.get_rank(),
-            shuffle=train,
-            seed=seed,
-        )
+        kind = DistributedSampler if train else ShardSampler
+        world, rank = idist.get_world_size(), idist.get_rank()
+        sampler = kind(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
