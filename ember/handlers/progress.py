@@ -116,8 +116,10 @@ class _EvaluationLine:
     def _log(self, evaluator: Engine) -> None:
         seconds = evaluator.state.times.get(Events.COMPLETED.name) or 0.0
         rate = f", {self.samples / seconds:.0f} samples/s" if seconds > 0 and self.samples else ""
-        logger.info("epoch %d | %s | %s | %.2f s%s", self.trainer.state.epoch, self.split,
-                    format_metrics(evaluator.state.metrics), seconds, rate)
+        # a stand-alone evaluation (its own "trainer") has no training epoch to show
+        when = f"epoch {self.trainer.state.epoch} | " if self.trainer is not evaluator else ""
+        metrics = format_metrics(evaluator.state.metrics)
+        logger.info("%s%s | %s | %.2f s%s", when, self.split, metrics, seconds, rate)
 
 
 def attach_progress(
