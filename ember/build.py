@@ -90,6 +90,9 @@ def build_experiment(config: Config) -> Experiment:
     distributed = idist.get_world_size() > 1
     t = config.trainer
     device = idist.device() if distributed else resolve_device(t.device)
+    # cuDNN's autotuner picks the fastest kernels, which may differ from run to run:
+    # only when the run need not be reproducible
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not t.deterministic
     d = config.data
     loaders = get_loaders(
         d.name,

@@ -1,0 +1,74 @@
+"""ember.experiment.run from Python: the same experiment as `ember train`, with switches."""
+
+import json
+
+import pytest
+import torch
+
+from ember.build import build_experiment
+from ember.config import load_config
+from ember.experiment import run
+
+FAST = ["trainer.max_epochs=1", "tensorboard.enabled=false", "data.train_eval_size=64"]
+
+
+def _run(tmp_path, *overrides, config=None):
+    return run(config, [f"output_dir={tmp_path}", *FAST, *overrides])
+
+
+def test_run_returns_the_summary_it_writes(tmp_path):
+    summary = _run(tmp_path, "name=api")
+    on_disk = json.loads((tmp_path / "api").glob("*/summary.json").__next__().read_text())
+    assert summary["test"] == on_disk["test"]
+    assert summary["run_dir"].startswith(str(tmp_path / "api"))
+    assert set(summary["final"]) == {"train", "val"}
+
+
+def test_dict_config_and_scheduler_and_label_smoothing(tmp_path):
+    summary = run(
+        {"scheduler": {"name": "warmup_cosine", "warmup_epochs": 1}, "trainer": {"label_smoothing": 0.1}},
+        [f"output_dir={tmp_path}", *FAST, "trainer.max_epochs=2"],
+    )
+    assert summary["final"]["val"]["epoch"] == 2
+
+
+def test_early_stopping_stops_before_max_epochs(tmp_path):
+    # lr so small nothing improves after the first evaluation: patience 1 stops at epoch 2
+    summary = _run(tmp_path, "trainer.max_epochs=6", "early_stopping.patience=1", "optimizer.lr=1e-12",
+                   "checkpoint.metric=loss")
+    assert summary["final"]["val"]["epoch"] < 6
+
+
+@pytest.mark.parametrize("switch", ["trainer.amp=bf16", "trainer.channels_last=true", "trainer.grad_accum=2",
+                                    "trainer.clip_grad_norm=1.0", "optimizer.name=sgd", "trainer.deterministic=false"])
+def test_switches_train_and_keep_checkpoints_plain(tmp_path, switch):
+    summary = _run(tmp_path, switch)
+    checkpoint = torch.load(summary["checkpoints"]["last"], weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_compile_switch_keeps_checkpoints_plain(tmp_path):
+    summary = _run(tmp_path, "trainer.compile=true", "data.options={}")
+    checkpoint = torch.load(summary["checkpoints"]["best"], weights_only=True)
+    assert not any("_orig_mod" in k for k in checkpoint["model"])
+
+
+def test_features_layer_writes_features_and_projector(tmp_path):
+    summary = _run(tmp_path, "features.layer=features", "tensorboard.enabled=true")
+    from pathlib import Path
+
+    features = Path(summary["features"])
+    assert (features / "features.npy").is_file() and (features / "labels.npy").is_file()
+    assert list(Path(summary["run_dir"]).glob("tensorboard/**/projector_config.pbtxt"))
+
+
+def test_cudnn_benchmark_only_when_not_deterministic_on_cuda():
+    build_experiment(load_config(None, ["trainer.deterministic=false", "trainer.device=cpu"]))
+    assert torch.backends.cudnn.benchmark is False  # cpu: nothing to tune
+    if torch.cuda.is_available():
+        build_experiment(load_config(None, ["trainer.deterministic=false", "trainer.device=cuda"]))
+        assert torch.backends.cudnn.benchmark is True
+        build_experiment(load_config(None, ["trainer.deterministic=true", "trainer.device=cuda"]))
+        assert torch.backends.cudnn.benchmark is False
