@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -30,8 +32,16 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with ember's error format: the usage, then one ``error:`` line; exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message} (`{self.prog} --help` shows the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ember",
         description="Train and evaluate image classifiers on pytorch-ignite.",
         epilog=EXAMPLES,
@@ -146,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ember.logs import configure_logging
 
     configure_logging()
+    _no_exception_echo()
     from ember.errors import ConfigError, EmberError, RunInterrupted
 
     try:
@@ -167,10 +178,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _NoExceptionEcho(logging.Filter):
+    """Drop ignite's "... terminating due to exception: X" lines: the CLI reports X once, as `error:`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "terminating due to exception" not in record.getMessage()
+
+
+# the loggers of the engines ember builds (ignite names them after the engine's class)
+_ENGINE_LOGGERS = ("ignite.engine.engine.Engine", "ignite.engine.engine.DeterministicEngine")
+
+
+def _no_exception_echo() -> None:
+    for name in _ENGINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoExceptionEcho) for f in logger.filters):
+            logger.addFilter(_NoExceptionEcho())
+
+
+# torch re-raises an error of a DataLoader worker as "Caught X in DataLoader worker process N.
+# Original Traceback ...": keep the error itself, not the worker's traceback.
+_WORKER_ERROR = re.compile(r"^Caught \w+ (in DataLoader worker process \d+)\.\s*Original Traceback", re.DOTALL)
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def _worker_error(text: str) -> str | None:
+    found = _WORKER_ERROR.match(text)
+    if found is None:
+        return None
+    last = text.rsplit("Traceback (most recent call last):", 1)[-1]
+    # frames are indented; the error line (and its continuation lines) are not
+    lines = [line for line in last.splitlines() if line.strip() and not line[0].isspace()]
+    error = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", " ".join(lines))  # ember.errors.DataError -> DataError
+    return f"{error} ({found.group(1)})"
+
+
+def _message(err: BaseException) -> tuple[str, bool]:
+    """The message of ``err`` without tracebacks, and whether it is one ember foresaw."""
+    from ember.errors import EmberError
+
+    text = str(err)
+    worker = _worker_error(text)
+    if worker is not None:
+        if isinstance(err, EmberError):  # ember's own message: the class name adds nothing
+            worker = worker.removeprefix(f"{type(err).__name__}: ")
+        return worker, isinstance(err, EmberError)
+    if isinstance(err, RuntimeError) and _WORKER_DIED.search(text):
+        return (
+            f"A data loader worker process died ({text.strip()}): it was killed (out of memory?) or "
+            "crashed in native code. With data.num_workers=0 the data loads in the main process, "
+            "which shows the error",
+            True,
+        )
+    return text, isinstance(err, EmberError)
+
+
 def _report(err: BaseException, debug: bool, *, unexpected: bool = False) -> None:
     if debug:
         traceback.print_exc()
-    message = " ".join(str(err).split()) or type(err).__name__
-    if unexpected:
+    text, foreseen = _message(err)
+    message = " ".join(text.split()) or type(err).__name__
+    if unexpected and not foreseen:
         message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
     print(f"error: {message}", file=sys.stderr)

@@ -8,14 +8,16 @@ the message. Only omegaconf and yaml are imported here: the CLI's ``--help`` sta
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ember.errors import ConfigError
@@ -172,10 +174,43 @@ def _unknown_key_error(err: ConfigKeyError, source: str) -> ConfigError:
 def _type_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = err.full_key or "?"
     detail = str(getattr(err, "msg", "") or err).splitlines()[0]
+    if detail.startswith("Incompatible value 'None'"):  # `name=` reads as null
+        detail = "it cannot be null (an empty value after '=' reads as null)"
     return ConfigError(f"Invalid value for config key '{key}' ({source}): {detail}")
 
 
+def _section_fields(node: Any) -> list[str] | None:
+    """The keys of a config section (a dataclass node), or None for any other node."""
+    kind = getattr(getattr(node, "_metadata", None), "object_type", None)
+    if isinstance(node, DictConfig) and dataclasses.is_dataclass(kind):
+        return [f.name for f in dataclasses.fields(kind)]
+    return None
+
+
+def _check_sections(base: DictConfig, layer: Any, source: str, prefix: str = "") -> None:
+    """Refuse a plain value given where a section belongs (``trainer=3``, ``model=alexnet``)."""
+    if not isinstance(layer, DictConfig):
+        return
+    for key in layer.keys():
+        if key not in base:
+            continue  # an unknown key: the merge names it
+        fields = _section_fields(base._get_node(key))
+        value = layer._get_node(key)
+        if fields is None:
+            continue
+        if isinstance(value, DictConfig):
+            _check_sections(base._get_node(key), value, source, f"{prefix}{key}.")
+            continue
+        shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value._value()
+        hint = f" Did you mean {prefix}{key}.name={shown}?" if "name" in fields and isinstance(shown, str) else ""
+        raise ConfigError(
+            f"Config key '{prefix}{key}' is a section ({', '.join(fields)}), not a value; got {shown!r} "
+            f"({source}). Set its keys one by one, e.g. {prefix}{key}.{fields[0]}=<value>.{hint}"
+        )
+
+
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    _check_sections(base, layer, source)
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as err:
@@ -218,14 +253,30 @@ def _to_omegaconf(data: Mapping[str, Any], source: str) -> DictConfig:
         raise ConfigError(f"Invalid config ({source}): {str(err).splitlines()[0]}") from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return str(getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    layer = OmegaConf.create({})
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        if not isinstance(item, str) or "=" not in item or item.startswith("="):
             raise ConfigError(f"Override {item!r} should be written key=value (e.g. trainer.max_epochs=5)")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid override: {str(err).splitlines()[0]}") from None
+        key = item.split("=", 1)[0]
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"Override {item!r}: key {key!r} has an empty part; write dotted keys such as trainer.max_epochs"
+            )
+        try:
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:  # the value is read as YAML
+            raise ConfigError(
+                f"Override {item!r}: its value is not valid YAML ({_yaml_problem(err)}); quote a string "
+                "value, write lists as [0,1]"
+            ) from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Invalid override {item!r}: {str(err).splitlines()[0]}") from None
+    return layer
 
 
 def load_config(
@@ -283,10 +334,11 @@ def _one_of(key: str, value: Any, choices: Sequence[Any]) -> None:
 def validate(config: Config) -> None:
     """Range and choice checks that types alone cannot express."""
     c = config
-    _check(
-        bool(c.name.strip()) and "/" not in c.name and c.name not in (".", ".."),
+    separators = {"/", "\0", os.sep} | ({os.altsep} if os.altsep else set())
+    _check(  # the run folder is <output_dir>/<name>/...: a name must not leave output_dir
+        bool(c.name.strip()) and not separators & set(c.name) and c.name not in (".", ".."),
         "name",
-        "a non-empty run name without '/'",
+        "a non-empty run name without '/' (a single folder name, not a path)",
         c.name,
     )
     _check(c.seed >= 0, "seed", "a non-negative integer", c.seed)

@@ -167,6 +167,11 @@ def _distributed(model: nn.Module, sync_batchnorm: bool) -> nn.Module:
             "parallel='ddp' needs a running process group: launch with torchrun, or "
             "use `ember train ... trainer.parallel=ddp distributed.nproc_per_node=N`"
         )
+    if sync_batchnorm and idist.device().type != "cuda":
+        raise ConfigError(
+            "sync_batchnorm=True needs CUDA GPUs: torch's SyncBatchNorm works with GPU modules only; "
+            "leave it off on the CPU"
+        )
     if idist.get_world_size() > 1:
         # moves to this rank's device, converts BatchNorm when asked, wraps in DDP
         return idist.auto_model(model, sync_bn=sync_batchnorm)

@@ -97,3 +97,22 @@ def test_unwrap_ddp(tmp_path):
         assert unwrap_model(torch.compile(ddp)) is model
     finally:
         idist.finalize()  # also resets ignite's view of the process group
+
+
+def test_ddp_sync_batchnorm_option(tmp_path):
+    import ignite.distributed as idist
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    idist.set_local_rank(0)
+    try:
+        model = get_model("small_cnn", num_classes=3, in_channels=1)
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="sync_batchnorm=True needs CUDA GPUs"):
+                prepare_model(model, parallel="ddp", sync_batchnorm=True)
+            return
+        ddp = prepare_model(model, parallel="ddp", sync_batchnorm=True)
+        norms = [m for m in unwrap_model(ddp).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    finally:
+        idist.finalize()
