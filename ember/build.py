@@ -14,9 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ember.config import Config
-from ember.data import Loaders, ShardSampler, get_loaders
+from ember.data import DatasetInfo, Loaders, ShardSampler, get_loaders
 from ember.engine import create_evaluator, create_trainer, prepare_model, resolve_device
 from ember.engine.optim import build_optimizer
+from ember.errors import ConfigError
+from ember.handlers.feature_graph import get_submodule
 from ember.models import get_model
 
 __all__ = ["Experiment", "build_experiment", "build_model", "model_spec_of"]
@@ -40,6 +42,27 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         in_channels=spec["in_channels"],
         **spec.get("kwargs", {}),
     )
+
+
+def _check_input_fits(model: nn.Module, spec: dict[str, Any], info: DatasetInfo, data_name: str) -> None:
+    """One sample through the model, on the CPU, before anything is created: a model that
+    cannot take the data set's images (too small for its pooling, wrong channels) is a
+    clear error now rather than a torch error in the first iteration."""
+    shape = (1, info.in_channels, *info.image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape))
+    except RuntimeError as err:
+        detail = str(err).splitlines()[0]
+        raise ConfigError(
+            f"Model {spec['name']!r} cannot take the {info.in_channels}x{info.image_size[0]}x"
+            f"{info.image_size[1]} images of data set {data_name!r}: {detail}. "
+            "Pick a model for this image size (e.g. small_cnn for small images) or resize the data "
+            "(data.options.image_size)"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -111,6 +134,9 @@ def build_experiment(config: Config) -> Experiment:
     in_channels = config.model.in_channels or loaders.info.in_channels
     spec = model_spec_of(config, num_classes, in_channels)
     model = build_model(spec)
+    if config.features.layer is not None:
+        get_submodule(model, config.features.layer)  # an unknown layer is refused before training
+    _check_input_fits(model, spec, loaders.info, d.name)
     parallel = "ddp" if distributed else t.parallel
     model = prepare_model(
         model, device=device, parallel=parallel, device_ids=t.device_ids, sync_batchnorm=t.sync_batchnorm

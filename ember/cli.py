@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 import traceback
@@ -156,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ember.logs import configure_logging
 
     configure_logging()
-    _no_exception_echo()
     from ember.errors import ConfigError, EmberError, RunInterrupted
 
     try:
@@ -178,27 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class _NoExceptionEcho(logging.Filter):
-    """Drop ignite's "... terminating due to exception: X" lines: the CLI reports X once, as `error:`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "terminating due to exception" not in record.getMessage()
-
-
-# the loggers of the engines ember builds (ignite names them after the engine's class)
-_ENGINE_LOGGERS = ("ignite.engine.engine.Engine", "ignite.engine.engine.DeterministicEngine")
-
-
-def _no_exception_echo() -> None:
-    for name in _ENGINE_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoExceptionEcho) for f in logger.filters):
-            logger.addFilter(_NoExceptionEcho())
-
-
 # torch re-raises an error of a DataLoader worker as "Caught X in DataLoader worker process N.
 # Original Traceback ...": keep the error itself, not the worker's traceback.
-_WORKER_ERROR = re.compile(r"^Caught \w+ (in DataLoader worker process \d+)\.\s*Original Traceback", re.DOTALL)
+_WORKER_ERROR = re.compile(r"^Caught \w+ (in DataLoader worker process \d+)\.\s*Original Traceback")
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")
 
 

@@ -202,10 +202,11 @@ def _check_sections(base: DictConfig, layer: Any, source: str, prefix: str = "")
             _check_sections(base._get_node(key), value, source, f"{prefix}{key}.")
             continue
         shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value._value()
-        hint = f" Did you mean {prefix}{key}.name={shown}?" if "name" in fields and isinstance(shown, str) else ""
+        full = f"{prefix}{key}"
+        hint = f" Did you mean {full}.name={shown}?" if "name" in fields and isinstance(shown, str) else ""
         raise ConfigError(
-            f"Config key '{prefix}{key}' is a section ({', '.join(fields)}), not a value; got {shown!r} "
-            f"({source}). Set its keys one by one, e.g. {prefix}{key}.{fields[0]}=<value>.{hint}"
+            f"Invalid config ({source}): config key '{full}' is a section ({', '.join(fields)}), "
+            f"not a value; got {shown!r}. Set its keys one by one, e.g. {full}.{fields[0]}=<value>.{hint}"
         )
 
 
@@ -265,7 +266,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         key = item.split("=", 1)[0]
         if any(not part.strip() for part in key.split(".")):
             raise ConfigError(
-                f"Override {item!r}: key {key!r} has an empty part; write dotted keys such as trainer.max_epochs"
+                f"Override {item!r}: key {key!r} has an empty part; write dotted keys (trainer.max_epochs)"
             )
         try:
             layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([item]))

@@ -103,7 +103,9 @@ def _resume_target(resume: str | Path, overrides: Sequence[str]) -> tuple[Config
     done = state["epoch"] >= config.trainer.max_epochs and (
         not epoch_length or state["iteration"] % epoch_length == 0
     )
-    if done:
+    if done and not (run_dir / "summary.json").exists():
+        logger.info("run %s finished training but has no summary: testing it now", run_dir)
+    elif done:
         raise ConfigError(
             f"Run '{run_dir}' already finished: epoch {state['epoch']} of trainer.max_epochs="
             f"{config.trainer.max_epochs}. To train longer, resume with trainer.max_epochs="
@@ -141,6 +143,8 @@ def run(
         cfg, run_dir, last = _resume_target(resume, overrides)
     else:
         cfg, run_dir, last = load_config(config, overrides), None, None
+        if cfg.checkpoint.resume is not None:  # the config's way of saying --resume RUN_DIR
+            cfg, run_dir, last = _resume_target(cfg.checkpoint.resume, overrides)
     if wants_distributed(cfg):
         return _train_distributed(cfg, run_dir=run_dir, resume_from=last)
     return _train(cfg, run_dir=run_dir, resume_from=last)
@@ -299,6 +303,11 @@ def _extract_features(exp: Experiment, run_dir: Path, tb_dir: Path | None) -> st
 
 def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) -> dict[str, Any]:
     exp = build_experiment(config)  # a mistake found here leaves no run folder behind
+    if resume_from is not None:
+        # refuse a checkpoint that does not fit (model, optimizer) before anything is written
+        load_checkpoint(
+            resume_from, {"model": exp.model, "optimizer": exp.optimizer}, expected_model=exp.model_spec
+        )
     created = run_dir is None
     if created:
         run_dir = _new_run_dir(config)
@@ -310,7 +319,8 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
         if resume_from is not None:
             handlers.manager.resume(resume_from, expected_model=exp.model_spec)
         _log_start(exp, run_dir)
-        exp.trainer.run(exp.loaders.train, max_epochs=config.trainer.max_epochs)
+        if not _trained_out(exp.trainer.state, config.trainer.max_epochs):
+            exp.trainer.run(exp.loaders.train, max_epochs=config.trainer.max_epochs)
         if handlers.interrupt.signum is not None:
             raise _interrupted(handlers, run_dir)
         idist.barrier()  # rank 0 has written the best checkpoint every rank loads next
@@ -335,13 +345,19 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
         logger.info("test | %s", "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
         return summary
     except BaseException:
-        if created and exp.trainer.state.iteration == 0 and idist.get_rank() == 0:
-            remove_failed_run_dir(run_dir)
+        if created and idist.get_rank() == 0:
+            remove_failed_run_dir(run_dir)  # keeps a folder that holds a checkpoint
         raise
     finally:
         if log_handler is not None:
             logging.getLogger("ember").removeHandler(log_handler)
             log_handler.close()
+
+
+def _trained_out(state: Any, max_epochs: int) -> bool:
+    """Whether a (resumed) trainer state has already run all ``max_epochs`` epochs."""
+    length = state.epoch_length
+    return bool(length) and state.iteration >= length * max_epochs
 
 
 def _new_run_dir(config: Config) -> Path:

@@ -19,6 +19,17 @@ _CHATTY = (
 )
 
 
+# the loggers of the engines ember builds (ignite names them after the engine's class)
+_ENGINE_LOGGERS = ("ignite.engine.engine.Engine", "ignite.engine.engine.DeterministicEngine")
+
+
+class _NoExceptionEcho(logging.Filter):
+    """Drop ignite's "... terminating due to exception: X" lines: the CLI reports X once, as `error:`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "terminating due to exception" not in record.getMessage()
+
+
 def configure_logging(*, rank: int = 0) -> None:
     """INFO lines from ember on stderr (rank 0; warnings only on other ranks)."""
     root = logging.getLogger()
@@ -27,3 +38,7 @@ def configure_logging(*, rank: int = 0) -> None:
     logging.getLogger("ember").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _ENGINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoExceptionEcho) for f in logger.filters):
+            logger.addFilter(_NoExceptionEcho())

@@ -28,7 +28,12 @@ def _check_output_dir(output_dir: Path) -> None:
     existing = output_dir
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir '{output_dir}' cannot be created: '{existing}' is a file, not a folder; "
+            "choose another output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise EmberError(f"output_dir '{output_dir}' is not writable ('{existing}' is read-only)")
 
 

@@ -12,6 +12,7 @@ import pickle
 import re
 import stat
 import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -74,15 +75,32 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch.save's zip writer turns an OSError of the file (a full disk) into a RuntimeError
+        # ("unexpected pos ..."): the OSError is still in the chain, and says what happened
+        cause = _os_error_in(err)
+        if cause is None and not isinstance(err, OSError):
+            raise
+        cause = cause or err
         raise CheckpointError(
-            f"Could not write checkpoint '{path}': {err.strerror or err}; the earlier checkpoints in "
+            f"Could not write checkpoint '{path}': {cause.strerror or cause}; the earlier checkpoints in "
             f"'{path.parent}' are kept"
         ) from err
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The first OSError in ``err``'s chain of causes and contexts, or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class AtomicSaver(DiskSaver):
@@ -139,7 +157,44 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
 
 def _unreadable(path: Path, err: BaseException) -> CheckpointError:
     reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    reason = reason.split(". ")[0]  # torch goes on with advice that does not apply (weights_only=False...)
     return CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt?): {reason[:200]}")
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle, protocol 2 or later
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a file that is empty, not a checkpoint format, truncated or corrupt, before unpickling.
+
+    torch.load checks neither a zip archive's directory nor the CRC-32 of its entries, so
+    a damaged tensor would load as wrong weights without a word; the CRCs are checked
+    here (reading the file once more, at disk speed).
+    """
+
+    def unreadable(reason: str) -> CheckpointError:
+        return CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt?): {reason}")
+
+    try:
+        with path.open("rb") as file:
+            head = file.read(4)
+        if not head:
+            raise unreadable("the file is empty (0 bytes)")
+        if head != _ZIP_MAGIC:
+            if not head.startswith(_PICKLE_MAGIC):
+                raise unreadable(f"it is neither a zip archive nor a pickle, as PyTorch files are "
+                                 f"(it starts with {head!r})")
+            return  # the legacy format has no checksums; torch.load says what is wrong with it
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as err:
+        raise unreadable(f"its zip archive cannot be read ({err})") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as err:  # zlib/zipfile raise more than BadZipFile
+        raise unreadable(str(getattr(err, "strerror", None) or err)) from None
+    if bad is not None:
+        raise unreadable(f"the data of its entry '{bad}' fails its CRC-32 check (the file changed after "
+                         "it was written)")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -161,6 +216,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"'{path}' is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file '{path}' does not exist")
+    _check_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -327,3 +383,22 @@ def _load_one(key: str, obj: Any, state: Any, *, path: Path, strict: bool, spec:
             obj.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"Could not load {key!r} from '{path}': {err}") from err
+    if isinstance(obj, torch.optim.Optimizer):
+        _check_optimizer_settings(key, obj, path)
+
+
+def _check_optimizer_settings(key: str, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Refuse the state of another kind of optimizer, before its first step fails on a missing setting.
+
+    ``Optimizer.load_state_dict`` checks only the parameter counts and takes the saved
+    settings of each group; after it, every group must have each setting the optimizer
+    has defaults for (torch fills in the ones newer than the file itself).
+    """
+    for group in optimizer.param_groups:
+        missing = sorted(set(optimizer.defaults) - set(group))
+        if missing:
+            raise CheckpointError(
+                f"Could not load {key!r} from '{path}': it was saved from another kind of optimizer than "
+                f"{type(optimizer).__name__} (its settings lack {', '.join(missing)}). Resume with the "
+                "optimizer the run was started with (optimizer.name)"
+            )

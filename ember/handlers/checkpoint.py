@@ -55,6 +55,7 @@ from ember.handlers._files import (
     write_atomic,
 )
 from ember.handlers._state import EngineEntry, RNGEntry, to_plain
+from ember.handlers.nonfinite import NonFiniteLossError
 
 __all__ = [
     "attach_checkpoint",
@@ -246,7 +247,25 @@ class CheckpointManager:
         self._trainer_last(self._trainer)
         return self.last_path
 
+    def _check_finite(self) -> None:
+        """Refuse to save weights that hold NaN or Inf (the step after a last finite loss can make them)."""
+        if self._model is None:
+            return
+        state = {k: t for k, t in self._model.state_dict().items() if t.is_floating_point()}
+        if not state or bool(torch.stack([torch.isfinite(t).all() for t in state.values()]).all()):
+            return  # one host sync for the whole model
+        bad = next(k for k, t in state.items() if not bool(torch.isfinite(t).all()))
+        good = self.last_path
+        kept = f"the last good checkpoint is kept: {good}" if good else "no checkpoint was written before it"
+        engine = self._trainer.state
+        raise NonFiniteLossError(
+            f"Model weights became NaN or infinite (in '{bad}') at iteration {engine.iteration} "
+            f"(epoch {engine.epoch}); they were not saved and training stopped, {kept}. "
+            "Lower optimizer.lr or set trainer.clip_grad_norm"
+        )
+
     def _trainer_last(self, trainer: Engine) -> None:
+        self._check_finite()
         self._save(self._last, trainer)
         self._last_iteration = trainer.state.iteration
         logger.debug("Saved %s", self.last_path)
@@ -266,6 +285,7 @@ class CheckpointManager:
             return
         if self._best is None:  # attach() registers this handler only with a metric
             return
+        self._check_finite()
         safe_name = re.sub(r"[^\w.-]", "_", self.metric)
         self._best.filename_pattern = f"best_epoch={{global_step}}_{safe_name}={value:.4f}.{{ext}}"
         before = self.best_path

@@ -14,7 +14,7 @@ __all__ = ["NonFiniteLossError", "attach_nonfinite_guard"]
 
 
 class NonFiniteLossError(EmberError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights a checkpoint would save, became NaN or infinite."""
 
 
 def attach_nonfinite_guard(

@@ -111,6 +111,8 @@ def get_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs: An
             return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
         except TypeError as err:
             raise ConfigError(f"Model {name!r} does not take these arguments: {err}") from None
+        except (ValueError, RuntimeError) as err:  # e.g. a negative width: torch refuses the layer
+            raise ConfigError(f"Model {name!r} could not be built with {kwargs}: {err}") from None
     if name in _torchvision_names():
         try:
             return _torchvision_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
