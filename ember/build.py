@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ember.config import Config
 from ember.data import DatasetInfo, Loaders, ShardSampler, get_loaders
-from ember.engine import create_evaluator, create_trainer, prepare_model, resolve_device
+from ember.engine import create_evaluator, create_trainer, model_device, prepare_model, resolve_device
 from ember.engine.optim import build_optimizer
 from ember.errors import ConfigError
 from ember.handlers.feature_graph import get_submodule
@@ -113,9 +113,12 @@ def build_experiment(config: Config) -> Experiment:
     distributed = idist.get_world_size() > 1
     t = config.trainer
     device = idist.device() if distributed else resolve_device(t.device)
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
     # cuDNN's autotuner picks the fastest kernels, which may differ from run to run:
     # only when the run need not be reproducible
     torch.backends.cudnn.benchmark = device.type == "cuda" and not t.deterministic
+    torch.backends.cudnn.deterministic = device.type == "cuda" and t.deterministic
     d = config.data
     loaders = get_loaders(
         d.name,
@@ -141,6 +144,7 @@ def build_experiment(config: Config) -> Experiment:
     model = prepare_model(
         model, device=device, parallel=parallel, device_ids=t.device_ids, sync_batchnorm=t.sync_batchnorm
     )
+    device = model_device(model)  # DataParallel lives on its first GPU: batches and metrics go there
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.compile:
@@ -153,6 +157,7 @@ def build_experiment(config: Config) -> Experiment:
         weight_decay=o.weight_decay,
         momentum=o.momentum,
         nesterov=o.nesterov,
+        fused=o.fused,
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     trainer = create_trainer(

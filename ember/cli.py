@@ -26,7 +26,7 @@ examples:
   ember train configs/shapes_alexnet.yaml trainer.max_epochs=3 data.batch_size=32
   ember train --resume runs/digits-cnn/20261204-101500 trainer.max_epochs=20
   ember evaluate runs/digits-cnn/20261204-101500 --split test
-  ember extract runs/digits-cnn/20261204-101500 --layer features --output feats.npy
+  ember extract runs/digits-cnn/20261204-101500 --layer features --output feats.pt
   tensorboard --logdir runs
 """
 
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a YAML config with key=value overrides (dotted keys, YAML values).",
     )
     train.add_argument(
-        "args", nargs="*", metavar="[CONFIG] key=value",
+        "args",
+        nargs="*",
+        metavar="[CONFIG] key=value",
         help="optional YAML config file, then overrides such as trainer.max_epochs=5",
     )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where it stopped")
@@ -72,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("overrides", nargs="*", metavar="key=value")
     extract.add_argument("--layer", required=True, help="dotted module path, e.g. features or classifier.4")
     extract.add_argument("--split", default="test", help="train, val or test (default: test)")
-    extract.add_argument("--output", required=True, help="a .pt or .npy file, or a folder for streamed .npy")
+    extract.add_argument(
+        "--output",
+        required=True,
+        help="a .pt file (tensors), or a folder: <layer>.npy, labels.npy, indices.npy, streamed",
+    )
     extract.add_argument("--pool", default=None, choices=["avg", "flatten"], help="shrink each feature map")
     extract.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -118,8 +124,13 @@ def _extract(ns: argparse.Namespace) -> int:
     from ember import from_checkpoint
 
     path = from_checkpoint.extract(
-        ns.target, layer=ns.layer, split=ns.split, output=ns.output, pool=ns.pool,
-        overwrite=ns.overwrite, overrides=ns.overrides,
+        ns.target,
+        layer=ns.layer,
+        split=ns.split,
+        output=ns.output,
+        pool=ns.pool,
+        overwrite=ns.overwrite,
+        overrides=ns.overrides,
     )
     print(f"features: {path}")
     return 0

@@ -78,6 +78,10 @@ def _attach_early_stopping(exp: Experiment) -> EarlyStopping | None:
     return stopper
 
 
+# schedules whose shape is laid out over the whole run when it starts
+_RUN_LENGTH_SCHEDULES = ("cosine", "warmup_cosine")
+
+
 def _resume_target(resume: str | Path, overrides: Sequence[str]) -> tuple[Config, Path, Path]:
     """The config, run folder and last checkpoint of a run to continue."""
     run_dir = Path(resume)
@@ -88,13 +92,22 @@ def _resume_target(resume: str | Path, overrides: Sequence[str]) -> tuple[Config
         )
     saved = load_config(run_dir / CONFIG_FILE)
     config = load_config(run_dir / CONFIG_FILE, overrides)
-    for section in ("model", "data"):
-        if getattr(saved, section) != getattr(config, section) and section == "model":
-            raise ConfigError(
-                "Resuming with a config that changes the model is refused: "
-                f"model was {config_to_dict(saved)['model']}, the overrides make it "
-                f"{config_to_dict(config)['model']}"
-            )
+    if saved.model != config.model:
+        raise ConfigError(
+            "Resuming with a config that changes the model is refused: "
+            f"model was {config_to_dict(saved)['model']}, the overrides make it "
+            f"{config_to_dict(config)['model']}"
+        )
+    if (
+        saved.trainer.max_epochs != config.trainer.max_epochs
+        and config.scheduler.name in _RUN_LENGTH_SCHEDULES
+    ):
+        raise ConfigError(
+            f"trainer.max_epochs cannot change on resume with scheduler.name={config.scheduler.name}: "
+            f"the schedule's length was fixed to {saved.trainer.max_epochs} epochs when the run started. "
+            "Start a new run, or use scheduler.name=step or linear_warmup, whose shape does not depend on it"
+        )
+    config.checkpoint.resume = None  # the saved config describes the run, not how it was started
     last = latest_checkpoint(checkpoint_dir(run_dir))
     if last is None:
         raise CheckpointError(f"Run folder '{run_dir}' holds no last checkpoint to resume from")
@@ -160,12 +173,18 @@ def _train_distributed(config: Config, *, run_dir: Path | None, resume_from: Pat
     created = run_dir is None
     if created:
         run_dir = create_run_dir(config.output_dir, config.name)
+    # Ctrl-C reaches every process of the terminal: the ranks save a checkpoint and stop;
+    # the parent waits for them instead of dying first. (A Python handler, not SIG_IGN:
+    # an ignored signal would stay ignored in the spawned ranks.)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         launch(_rank_worker, config, run_dir, resume_from, None)
     except BaseException:
         if created:
             remove_failed_run_dir(run_dir)
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return summary
 
@@ -311,7 +330,7 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
     created = run_dir is None
     if created:
         run_dir = _new_run_dir(config)
-    log_handler = None
+    log_handler = handlers = None
     try:
         _write_config(config, run_dir)
         log_handler = _log_to_file(run_dir)
@@ -342,13 +361,14 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
             last_checkpoint=handlers.manager.last_path,
             extra={"run_dir": str(run_dir), "features": features},
         )
-        logger.info("test | %s", "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
         return summary
     except BaseException:
         if created and idist.get_rank() == 0:
             remove_failed_run_dir(run_dir)  # keeps a folder that holds a checkpoint
         raise
     finally:
+        if handlers is not None and handlers.tensorboard is not None:
+            handlers.tensorboard.close()
         if log_handler is not None:
             logging.getLogger("ember").removeHandler(log_handler)
             log_handler.close()

@@ -52,7 +52,11 @@ def rebuild(target: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[n
             f"'{path}' has no model_spec/config: it was not written by `ember train`, so the model "
             "cannot be rebuilt from it. Load it into your own model with ember.handlers.load_checkpoint"
         )
-    config = load_config(stored, overrides)
+    # where the run trained (say, three GPUs) need not exist here: pick this machine's device
+    # unless the overrides say otherwise
+    here = ["trainer.device=auto", "trainer.parallel=auto", "trainer.device_ids=null"]
+    here.append("distributed.nproc_per_node=1")
+    config = load_config(stored, [*here, *overrides])
     model = build_model(spec)
     load_checkpoint(path, {"model": model})
     parallel = "none" if config.trainer.parallel == "ddp" else config.trainer.parallel
@@ -93,7 +97,8 @@ def evaluate(
     _check_split(split)
     model, config, path = rebuild(target, overrides)
     loader = _split_loader(config, split, config.model.num_classes)
-    evaluator = create_evaluator(model, loss_fn=nn.CrossEntropyLoss(), amp=config.trainer.amp)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing)  # the run's own loss
+    evaluator = create_evaluator(model, loss_fn=loss_fn, amp=config.trainer.amp)
     attach_progress(evaluator, {split: evaluator}, log_every=config.trainer.log_every)
     evaluator.run(loader)
     result = {

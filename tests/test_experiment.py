@@ -72,3 +72,22 @@ def test_cudnn_benchmark_only_when_not_deterministic_on_cuda():
         assert torch.backends.cudnn.benchmark is True
         build_experiment(load_config(None, ["trainer.deterministic=true", "trainer.device=cuda"]))
         assert torch.backends.cudnn.benchmark is False
+
+
+def test_threads_setting_is_applied():
+    before = torch.get_num_threads()
+    try:
+        build_experiment(load_config(None, ["trainer.threads=1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resume_refuses_a_new_length_for_a_run_length_schedule(tmp_path):
+    from ember.errors import ConfigError
+
+    summary = _run(tmp_path, "scheduler.name=cosine")
+    with pytest.raises(ConfigError, match="trainer.max_epochs cannot change on resume with scheduler.name=cosine"):
+        run(None, ["trainer.max_epochs=3"], resume=summary["run_dir"])
+    config_before = (tmp_path / "digits-cnn").glob("*/config.yaml").__next__().read_bytes()
+    assert b"max_epochs: 1" in config_before  # nothing was rewritten

@@ -35,12 +35,20 @@ def build_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     nesterov: bool = False,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """``adam`` (the recipe's ``Adam(lr, weight_decay=4e-4)``), ``adamw`` or ``sgd``."""
+    """``adam`` (the recipe's ``Adam(lr, weight_decay=4e-4)``), ``adamw`` or ``sgd``.
+
+    ``fused=True`` uses torch's fused Adam/AdamW kernel (one kernel for all parameters):
+    much faster optimizer steps, but not bitwise equal to the plain implementation.
+    """
+    if fused and name not in ("adam", "adamw"):
+        raise ConfigError(f"optimizer.fused=true is for adam and adamw, got optimizer {name!r}")
+    extra = {"fused": True} if fused else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
     if name == "sgd":
         return torch.optim.SGD(
             params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torchvision.models import feature_extraction
 
 from ember.engine import unwrap_model
 from ember.errors import ConfigError
@@ -137,32 +136,43 @@ def _copy_if_tensor(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-class _OutputTracer(feature_extraction.NodePathTracer):
-    """torchvision's tracer, also recording what each target module returns (first call)."""
+@functools.cache
+def _output_tracer() -> type:
+    """torchvision's tracer, also recording what each target module returns (first call).
 
-    def __init__(self, targets: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.targets = set(targets)
-        self.outputs: dict[str, Any] = {}
+    Built on first use: importing torchvision costs most of a second that a run
+    without feature extraction need not pay.
+    """
+    from torchvision.models import feature_extraction
 
-    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
-        name = self.path_of_module(m)
-        if name in self.targets:
-            self.outputs.setdefault(name, out)
-        return out
+    class OutputTracer(feature_extraction.NodePathTracer):
+        def __init__(self, targets: Sequence[str], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.targets = set(targets)
+            self.outputs: dict[str, Any] = {}
+
+        def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+            out = super().call_module(m, forward, args, kwargs)
+            name = self.path_of_module(m)
+            if name in self.targets:
+                self.outputs.setdefault(name, out)
+            return out
+
+    return OutputTracer
 
 
 def _tracer_kwargs() -> dict[str, Any]:
     # torchvision's own defaults (torchvision.ops as leaves), so that our trace names
     # nodes exactly as create_feature_extractor's does
+    from torchvision.models import feature_extraction
+
     defaults = getattr(feature_extraction, "_set_default_tracer_kwargs", None)
     return defaults(None) if defaults is not None else {}
 
 
 def _node_names(plain: nn.Module, layers: Sequence[str]) -> dict[str, str]:
     """Each layer's FX node name: the node its forward returns (not just its last op)."""
-    tracer = _OutputTracer(layers, **_tracer_kwargs())
+    tracer = _output_tracer()(layers, **_tracer_kwargs())
     try:
         tracer.trace(plain.eval())
     except Exception as err:  # FX raises TraceError, TypeError, NotImplementedError, ...
@@ -214,7 +224,9 @@ class _FxExtractor(nn.Module):
 def _fx_extractor(plain: nn.Module, layers: Sequence[str], pool: str | None) -> _FxExtractor:
     nodes = _node_names(plain, layers)
     try:
-        body = feature_extraction.create_feature_extractor(
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        body = create_feature_extractor(
             plain,
             return_nodes=sorted(set(nodes.values())),
             tracer_kwargs=_tracer_kwargs(),

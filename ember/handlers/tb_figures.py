@@ -21,7 +21,6 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn import functional as F
-from torchvision.utils import make_grid
 
 __all__ = ["EvaluationFigures", "render_confusion_matrix", "render_examples"]
 
@@ -174,6 +173,8 @@ def render_examples(
         torch.cat([x[i], _caption(int(targets[i]), int(predictions[i]), class_names, font, size[1])], dim=1)
         for i in range(x.shape[0])
     ]
+    from torchvision.utils import make_grid  # imported on first use: torchvision is slow to import
+
     return make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)
 
 

@@ -50,3 +50,10 @@ def test_unknown_scheduler():
     opt = build_optimizer("sgd", _params(), lr=1.0)
     with pytest.raises(ConfigError, match="Unknown scheduler 'cyclic'"):
         attach_lr_scheduler(Engine(lambda e, b: None), opt, "cyclic", max_epochs=1, epoch_length=1)
+
+
+def test_fused_adam_is_opt_in_and_for_adam_only():
+    assert build_optimizer("adam", _params(), lr=0.1, fused=True).defaults["fused"] is True
+    assert not build_optimizer("adam", _params(), lr=0.1).defaults.get("fused")
+    with pytest.raises(ConfigError, match="optimizer.fused=true is for adam and adamw, got optimizer 'sgd'"):
+        build_optimizer("sgd", _params(), lr=0.1, fused=True)
