@@ -72,11 +72,9 @@ section throughput 240 "$PY" benchmarks/gpu_throughput.py \
     --configs fp32 bf16 bf16+channels_last --json "$OUT/gpu_throughput.json"
 
 # ==== 4. DISTRIBUTED HOOK: single GPU vs DataParallel vs DDP-nccl agreement ===================
-# Owned by the distributed issue. Add sections here, each one `section NAME LIMIT_S CMD...`, e.g.
-#   section dist_agreement 120 "$PY" -m pytest tests/engine/test_distributed_gpu.py -q
-#   section ddp_nccl 120 "$PY" -m torch.distributed.run --nproc_per_node=2 <script>
-# They should train the same model from the same seed on one GPU, under nn.DataParallel and
-# under DDP (nccl) and compare weights/metrics within a stated tolerance.
+# The same AlexNet from the same seed on the same batches: one GPU, nn.DataParallel over the
+# visible GPUs, DDP with nccl (one process per GPU), and bf16; images/s and weight agreement.
+section distributed 150 "$PY" benchmarks/gpu_distributed.py --batch 256 --image-size 224 --iters 12
 # ==== end of DISTRIBUTED HOOK ===============================================================
 
 echo "=== done in ${SECONDS} s; ${FAILED} section(s) failed; results in $OUT ===" | tee -a "$LOG"

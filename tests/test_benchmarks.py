@@ -81,3 +81,15 @@ def test_every_benchmark_is_tested_or_listed():
     others = {"bench_features.py"}  # owned and tested with the feature extraction work
     scripts = {path.name for path in BENCHMARKS.glob("bench_*.py")}
     assert scripts - others <= set(FAST + SLOW), sorted(scripts - others - set(FAST + SLOW))
+
+
+@pytest.mark.slow
+def test_gpu_distributed_script_runs_on_cpu():
+    """gpu_check.sh's single / DataParallel / DDP agreement check, on the CPU (gloo, 2 processes)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_distributed.py"), "--device", "cpu", "--quick"],
+        cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
+    assert len(rows) == 4 and all("| yes" in row for row in rows), done.stdout
