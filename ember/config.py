@@ -277,7 +277,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
                 f"Override {item!r}: its value is not valid YAML ({_yaml_problem(err)}); quote a string "
                 "value, write lists as [0,1]"
             ) from None
-        except OmegaConfBaseException as err:
+        except (OmegaConfBaseException, TypeError) as err:  # e.g. a list given keys by a later override
             raise ConfigError(f"Invalid override {item!r}: {str(err).splitlines()[0]}") from None
     return layer
 

@@ -71,6 +71,7 @@ def test_dict_source_and_roundtrip():
         (["name=a/b"], r"'name' should be a non-empty run name without '/'"),
         (["trainer=3"], r"Invalid config \(command line\)"),
         (["max_epochs"], r"Override 'max_epochs' should be written key=value"),
+        (["trainer.device_ids=[0]", "trainer.device_ids.x=1"], r"Invalid override 'trainer.device_ids.x=1'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -91,3 +91,27 @@ def test_resume_refuses_a_new_length_for_a_run_length_schedule(tmp_path):
         run(None, ["trainer.max_epochs=3"], resume=summary["run_dir"])
     config_before = (tmp_path / "digits-cnn").glob("*/config.yaml").__next__().read_bytes()
     assert b"max_epochs: 1" in config_before  # nothing was rewritten
+
+
+def test_resume_errors(tmp_path):
+    from ember.errors import CheckpointError, ConfigError
+
+    summary = _run(tmp_path)
+    with pytest.raises(ConfigError, match="Give either `config` or `resume`"):
+        run({"seed": 1}, resume=summary["run_dir"])
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text("name: x\n")
+    with pytest.raises(CheckpointError, match="Run folder '.*empty_run' holds no last checkpoint to resume from"):
+        run(None, resume=empty)
+
+
+def test_evaluate_a_bare_state_dict_says_it_cannot_rebuild(tmp_path):
+    from ember.errors import CheckpointError
+    from ember.from_checkpoint import evaluate
+    from ember.models import get_model
+
+    path = tmp_path / "weights.pt"
+    torch.save(get_model("small_cnn", num_classes=10, in_channels=1).state_dict(), path)
+    with pytest.raises(CheckpointError, match="has no model_spec/config: it was not written by `ember train`"):
+        evaluate(path)

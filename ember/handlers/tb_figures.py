@@ -27,6 +27,7 @@ __all__ = ["EvaluationFigures", "render_confusion_matrix", "render_examples"]
 logger = logging.getLogger(__name__)
 
 _MAX_PR_CLASSES = 50  # per-class PR curves past this many classes would swamp the dashboard
+_MAX_SCANNED_BATCHES = 16  # batches searched for misclassified examples per evaluation
 _BLUE = (8, 48, 107)  # darkest cell colour; white is an empty row
 
 
@@ -249,6 +250,7 @@ class EvaluationFigures:
         self._kept = 0
         self._examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._found = 0
+        self._scanned = 0
         self._disabled = False
 
     def _update(self, engine: Engine) -> None:
@@ -271,7 +273,10 @@ class EvaluationFigures:
             self._probs.append(torch.softmax(y_pred[:take].float(), dim=1)[:, :_MAX_PR_CLASSES])
             self._labels.append(y[:take])
             self._kept += take
-        if self._found < self.max_examples:
+        # finding the wrong predictions needs them on the host (a device sync): look in the
+        # first few batches only, so that a long evaluation of an accurate model stays sync-free
+        if self._found < self.max_examples and self._scanned < _MAX_SCANNED_BATCHES:
+            self._scanned += 1
             self._collect_examples(engine.state.batch, y, pred)
 
     def _count(self, y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> None:
