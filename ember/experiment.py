@@ -250,7 +250,7 @@ def _attach_handlers(exp: Experiment, run_dir: Path) -> _Handlers:
         mode=mode,
     )
     holder["manager"] = manager
-    interrupt = attach_interrupt(trainer, manager)
+    interrupt = attach_interrupt(trainer, manager, every=c.trainer.log_every)
     tb = None
     if c.tensorboard.enabled:
         tb = attach_tensorboard(

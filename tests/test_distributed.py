@@ -155,3 +155,20 @@ def test_killed_two_process_run_resumes_and_finishes(tmp_path):
     assert summary["final"]["val"]["epoch"] == 3
     model = get_model("small_cnn", num_classes=10, in_channels=1)
     load_checkpoint(summary["checkpoints"]["last"], {"model": model})
+
+
+def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_resumes(tmp_path):
+    args = [sys.executable, "-m", "ember", "train", f"output_dir={tmp_path}", *DDP, "trainer.max_epochs=8",
+            "tensorboard.enabled=false", "data.train_eval_size=0", "trainer.log_every=2", "data.batch_size=16"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(tmp_path.glob("*/*/checkpoints/last_iteration=*.pt")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the middle of an epoch
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process gets it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Interrupted by SIGINT: checkpoint saved to" in err and "ember train --resume" in err
+    run_dir = _run_dir(tmp_path)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["val"]["epoch"] == 8

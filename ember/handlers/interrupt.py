@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 
 from ember.handlers.checkpoint import CheckpointManager
@@ -38,10 +40,12 @@ class InterruptHandler:
         manager: CheckpointManager,
         *,
         signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+        every: int = 1,
     ) -> None:
         self.trainer = trainer
         self.manager = manager
         self.signals = tuple(signals)
+        self.every = every
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -89,24 +93,39 @@ class InterruptHandler:
         else:
             os.kill(os.getpid(), signum)  # the default action, now that it is back
 
-    def _on_iteration(self, engine: Engine) -> None:
-        if self.signum is None:
+    def _agree(self) -> None:
+        """Under DDP every rank must stop at the same iteration, or one would wait forever in
+        the next all-reduce: the ranks share what they received (one all-reduce)."""
+        if idist.get_world_size() == 1:
             return
+        received = torch.tensor(self.signum or 0, device=idist.device())
+        agreed = int(idist.all_reduce(received, op="MAX").item())
+        if agreed and self.signum is None:
+            self.signum = agreed
+
+    def _on_iteration(self, engine: Engine) -> None:
         length = engine.state.epoch_length
         if length is not None and engine.state.iteration % length == 0:
             return  # the epoch's own handlers run first; stop at EPOCH_COMPLETED
+        if idist.get_world_size() > 1:
+            if engine.state.iteration % self.every != 0:
+                return
+            self._agree()
+        if self.signum is None:
+            return
         path = self.manager.save_now()
         logger.warning("Stopped at iteration %d; resume from '%s'", engine.state.iteration, path)
         engine.terminate()
 
     def _on_epoch(self, engine: Engine) -> None:
+        self._agree()
         if self.signum is not None:
             # the manager writes `last` at every EPOCH_COMPLETED, whatever the order of handlers
             logger.warning("Stopped at the end of epoch %d", engine.state.epoch)
             engine.terminate()
 
 
-def attach_interrupt(trainer: Engine, manager: CheckpointManager) -> InterruptHandler:
+def attach_interrupt(trainer: Engine, manager: CheckpointManager, *, every: int = 1) -> InterruptHandler:
     """Save a checkpoint and stop cleanly on the first SIGINT/SIGTERM; stop at once on the second.
 
     Attach it after the other handlers: its EXCEPTION_RAISED handler restores the
@@ -115,6 +134,9 @@ def attach_interrupt(trainer: Engine, manager: CheckpointManager) -> InterruptHa
     Args:
         trainer: the training engine.
         manager: what :func:`~ember.handlers.checkpoint.attach_checkpoint` returned.
+        every: under DDP, the ranks agree on a stop every this many iterations (and at
+            epoch ends): a signal stops the run at the next such point. Each agreement is
+            one small all-reduce, a host/device sync on GPUs: use the logging interval.
 
     Returns:
         The handler; after ``trainer.run`` its ``signum`` says which signal stopped it.
@@ -124,7 +146,7 @@ def attach_interrupt(trainer: Engine, manager: CheckpointManager) -> InterruptHa
         >>> trainer.run(loader, max_epochs=10)  # doctest: +SKIP
         >>> sys.exit(128 + stop.signum if stop.signum else 0)  # doctest: +SKIP
     """
-    handler = InterruptHandler(trainer, manager)
+    handler = InterruptHandler(trainer, manager, every=every)
     trainer.add_event_handler(Events.STARTED, handler.install)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, handler._on_iteration)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, handler._on_epoch)
