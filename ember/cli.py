@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import traceback
@@ -105,6 +106,8 @@ def _train(ns: argparse.Namespace) -> int:
             "Give only key=value overrides"
         )
     summary = experiment.run(config, overrides, resume=ns.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report: rank 0's
+        return 0
     print(f"run folder: {summary['run_dir']}")
     test = summary.get("test") or {}
     if test:
