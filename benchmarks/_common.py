@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,20 @@ __all__ = [
 ]
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+
+@dataclass
+class Case:
+    """One benchmark configuration: a registry model on batches of a data set."""
+
+    name: str
+    model: str
+    model_kwargs: dict
+    dataset: str
+    dataset_kwargs: dict
+    batch_size: int
+    iters: int
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, repeats: int, warmup: int = 1) -> None:

@@ -42,10 +42,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from _common import (
+    Case,
     add_common_args,
     interleaved,
     paired_ratio,
@@ -64,17 +64,6 @@ from ember.models import get_model
 
 TARGET = 1.02
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class Case:
-    name: str
-    model: str
-    model_kwargs: dict
-    dataset: str
-    dataset_kwargs: dict
-    batch_size: int
-    iters: int
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
