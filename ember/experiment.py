@@ -86,7 +86,7 @@ def _resume_target(resume: str | Path, overrides: Sequence[str]) -> tuple[Config
     """The config, run folder and last checkpoint of a run to continue."""
     run_dir = Path(resume)
     if not is_run_dir(run_dir):
-        raise CheckpointError(
+        raise ConfigError(
             f"--resume '{run_dir}' is not a run folder (no {CONFIG_FILE}): give the folder "
             "`ember train` printed, e.g. runs/<name>/<timestamp>"
         )

@@ -92,16 +92,17 @@ def find_checkpoint(path: str | Path, *, prefer: str = "best") -> Path:
     newest ``best`` (``prefer="best"``) or ``last`` checkpoint.
 
     Raises:
-        CheckpointError: the path does not exist, or the folder is not a run
-            folder, or it holds no checkpoint.
+        ConfigError: the path does not exist, or the folder is not a run folder
+            (mistakes in the command line).
+        CheckpointError: the run folder holds no checkpoint.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"'{path}' does not exist: give a run folder or a checkpoint file")
+        raise ConfigError(f"'{path}' does not exist: give a run folder or a checkpoint file")
     if path.is_file():
         return path
     if not is_run_dir(path):
-        raise CheckpointError(
+        raise ConfigError(
             f"'{path}' is not a run folder (no {CONFIG_FILE}): give the folder `ember train` printed, "
             "e.g. runs/<name>/<timestamp>, or a checkpoint file"
         )

@@ -92,7 +92,7 @@ def test_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: Unknown config key 'trainer.max_epoch'") and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
-    assert main(["evaluate", str(tmp_path / "nope")]) == 1
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2  # a path on the command line: usage
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
@@ -100,7 +100,7 @@ def test_errors_are_one_line_with_exit_codes(tmp_path, capsys):
 
 
 def test_debug_prints_traceback(tmp_path, capsys):
-    assert main(["--debug", "evaluate", str(tmp_path / "nope")]) == 1
+    assert main(["--debug", "evaluate", str(tmp_path / "nope")]) == 2
     assert "Traceback" in capsys.readouterr().err
 
 
