@@ -20,7 +20,7 @@ PARALLEL_MODES = ("auto", "none", "dp", "ddp")
 def _available_devices() -> str:
     count = torch.cuda.device_count()
     if count == 0:
-        return "this machine has no CUDA GPU; use device='cpu' or 'auto'"
+        return "this machine has no CUDA GPU; use device='cpu' or 'auto' (trainer.device=cpu in a config)"
     names = ", ".join(f"cuda:{i}" for i in range(count))
     return f"available: cpu, {names}"
 

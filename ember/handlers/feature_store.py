@@ -169,7 +169,8 @@ def check_output_path(path: str | Path, *, overwrite: bool, argument: str = "out
         )
     if target.exists() and not overwrite:
         raise ConfigError(
-            f"Argument `{argument}`: {str(target)!r} already exists; pass overwrite=True to replace it"
+            f"Argument `{argument}`: {str(target)!r} already exists; pass overwrite=True to replace it "
+            "(`--overwrite` for `ember extract`)"
         )
     return target
 
