@@ -42,6 +42,7 @@ from ember.run_folder import (
     create_run_dir,
     is_run_dir,
     remove_failed_run_dir,
+    write_text_atomic,
 )
 
 __all__ = ["run"]
@@ -270,10 +271,7 @@ def _attach_handlers(exp: Experiment, run_dir: Path) -> _Handlers:
 def _write_config(config: Config, run_dir: Path) -> None:
     if idist.get_rank() != 0:
         return
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(run_dir / CONFIG_FILE)
+    write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def _log_to_file(run_dir: Path) -> logging.Handler | None:

@@ -21,7 +21,7 @@ from ember.handlers.checkpoint import load_checkpoint, read_checkpoint
 from ember.handlers.feature_store import check_output_path
 from ember.handlers.features import extract_features
 from ember.handlers.progress import attach_progress
-from ember.run_folder import find_checkpoint, is_run_dir
+from ember.run_folder import find_checkpoint, is_run_dir, write_text_atomic
 
 __all__ = ["evaluate", "extract", "rebuild"]
 
@@ -108,9 +108,7 @@ def evaluate(
         "metrics": {k: float(v) for k, v in evaluator.state.metrics.items()},
     }
     out = _result_path(Path(target), path, split)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     logger.info("metrics written to %s", out)
     return result
 

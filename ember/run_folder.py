@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ember.errors import CheckpointError, ConfigError, EmberError
@@ -16,6 +17,7 @@ __all__ = [
     "is_run_dir",
     "checkpoint_dir",
     "find_checkpoint",
+    "write_text_atomic",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -113,3 +115,21 @@ def find_checkpoint(path: str | Path, *, prefer: str = "best") -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"Run folder '{path}' holds no {'/'.join(order)} checkpoint in {_CHECKPOINTS}/")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file beside which a crash leaves the old file or the whole new one.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, and is
+    renamed over ``path``.
+    """
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

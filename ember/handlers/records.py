@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ember.errors import ConfigError
+from ember.run_folder import write_text_atomic
 
 __all__ = ["RunRecorder", "BestValue", "json_safe", "MODES"]
 
@@ -252,7 +252,7 @@ class RunRecorder:
                                last_checkpoint=last_checkpoint, extra=extra)
         if idist.get_rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            write_text_atomic(self.summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
 
     def state_dict(self) -> dict[str, Any]:
@@ -270,17 +270,3 @@ class RunRecorder:
             self.best[split] = BestValue(best_state["mode"])
             self.best[split].load_state_dict(best_state)
         self.final = dict(state["final"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
