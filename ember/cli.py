@@ -40,6 +40,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (`{self.prog} --help` shows the options)\n")
 
 
+# written out rather than read from ember.config, so that --help imports nothing
+TRAIN_KEYS = """\
+config sections and keys (configs/digits.yaml has them all, with the defaults):
+  name, seed, output_dir
+  model:          name, num_classes, in_channels, kwargs
+  data:           name, root, download, batch_size, eval_batch_size, num_workers,
+                  train_eval_size, options
+  optimizer:      name (adam|adamw|sgd), lr, weight_decay, momentum, nesterov, fused
+  scheduler:      name (none|step|cosine|warmup_cosine|linear_warmup), step_size, gamma,
+                  warmup_epochs, min_lr
+  trainer:        max_epochs, device, parallel (auto|none|dp|ddp), device_ids,
+                  amp (null|bf16|fp16), grad_accum, clip_grad_norm, deterministic,
+                  log_every, label_smoothing, channels_last, compile, sync_batchnorm, threads
+  checkpoint:     metric (accuracy|loss), n_saved, every_iters, resume
+  early_stopping: patience
+  tensorboard:    enabled, histograms
+  features:       layer, split, pool
+  distributed:    backend (null|gloo|nccl), nproc_per_node
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ember",
@@ -56,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train from a YAML config (default: small_cnn on digits)",
         description="Train from a YAML config with key=value overrides (dotted keys, YAML values).",
+        epilog=TRAIN_KEYS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
         "args",

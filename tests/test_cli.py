@@ -120,3 +120,22 @@ def test_installed_command_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "run folder:" in result.stdout and "test: accuracy" in result.stdout
+
+
+def test_train_help_lists_every_config_key(capsys):
+    import re
+
+    from ember.config import Config, config_to_dict
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out.split("config sections and keys", 1)[1]
+    blocks = re.split(r"\n  (?=\w+:)", text)  # one block per "  section: keys" entry
+    for section, value in config_to_dict(Config()).items():
+        if not isinstance(value, dict):
+            assert section in blocks[0]
+            continue
+        block = next((b for b in blocks if b.startswith(f"{section}:")), None)
+        assert block is not None, f"section {section} missing from `ember train --help`"
+        for key in value:
+            assert re.search(rf"\b{key}\b", block), f"{section}.{key} missing from `ember train --help`"
