@@ -1,8 +1,9 @@
 """One experiment, top to bottom: config -> data -> model -> engines -> handlers -> run.
 
 ``run(config)`` is what ``ember train`` calls, and what a script or notebook calls
-for sweeps. ``evaluate`` and ``extract`` rebuild the model from a checkpoint alone.
-This is the only module that wires engines and handlers together.
+for sweeps. The objects come from :mod:`ember.build`; ``ember evaluate`` and
+``ember extract`` live in :mod:`ember.from_checkpoint`. This is the only module that
+wires engines and handlers together.
 """
 
 from __future__ import annotations
