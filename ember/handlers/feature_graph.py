@@ -26,7 +26,18 @@ from torch import fx, nn
 from ember.engine import unwrap_model
 from ember.errors import ConfigError
 
-__all__ = ["EXTRACT_METHODS", "POOL_MODES", "build_extractor", "get_submodule", "list_layers"]
+__all__ = [
+    "EXTRACT_METHODS",
+    "POOL_MODES",
+    "build_extractor",
+    "check_layers",
+    "check_pool",
+    "find_data_parallel",
+    "get_submodule",
+    "list_layers",
+    "modes_kept",
+    "pooled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +93,8 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     return plain.get_submodule(_canonical_layer(plain, path))
 
 
-def _check_layers(plain: nn.Module, layers: str | Sequence[str]) -> list[str]:
+def check_layers(plain: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """The layer paths as a list, each checked to be a sub-module of ``plain``."""
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, Sequence) or not layers:
@@ -90,13 +102,14 @@ def _check_layers(plain: nn.Module, layers: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(_canonical_layer(plain, layer) for layer in layers))
 
 
-def _check_pool(pool: str | None) -> str | None:
+def check_pool(pool: str | None) -> str | None:
+    """``pool`` if it is one of :data:`POOL_MODES`, else a ConfigError."""
     if pool not in POOL_MODES:
         raise ConfigError(f"Argument `pool` should be one of None, 'flatten', 'avg', got {pool!r}")
     return pool
 
 
-def _pooled(layer: str, value: Any, pool: str | None, *, copy: bool) -> torch.Tensor:
+def pooled(layer: str, value: Any, pool: str | None, *, copy: bool) -> torch.Tensor:
     """Check that a layer gave a tensor, pool it, and copy it when ``copy`` (unless pooling did)."""
     if not isinstance(value, torch.Tensor):
         raise ConfigError(
@@ -122,7 +135,7 @@ class _StopForward(BaseException):
 
 
 @contextlib.contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
+def modes_kept(model: nn.Module) -> Iterator[None]:
     """Give every sub-module back its own train/eval mode (``model.train(mode)`` sets them all)."""
     modes = [(module, module.training) for module in model.modules()]
     try:
@@ -183,7 +196,7 @@ def _node_names(plain: nn.Module, layers: Sequence[str]) -> dict[str, str]:
         if out is None:
             raise _Untraceable(f"layer {layer!r} is not a node of the traced graph")
         if not isinstance(out, fx.Proxy):
-            _pooled(layer, out, None, copy=False)  # raises: not a tensor
+            pooled(layer, out, None, copy=False)  # raises: not a tensor
         names[layer] = tracer.node_to_qualname[out.node]
     return names
 
@@ -218,7 +231,7 @@ class _FxExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.body(x)
-        return {layer: _pooled(layer, out[node], self.pool, copy=False) for layer, node in self.nodes.items()}
+        return {layer: pooled(layer, out[node], self.pool, copy=False) for layer, node in self.nodes.items()}
 
 
 def _fx_extractor(plain: nn.Module, layers: Sequence[str], pool: str | None) -> _FxExtractor:
@@ -272,7 +285,7 @@ class _HookExtractor(nn.Module):
         if capture is None or layer in capture:
             return
         last = len(capture) == len(self.layers) - 1
-        capture[layer] = _pooled(layer, output, self.pool, copy=not last)
+        capture[layer] = pooled(layer, output, self.pool, copy=not last)
         if last:
             raise _StopForward
 
@@ -307,7 +320,7 @@ class _HookExtractor(nn.Module):
         return {layer: capture[layer] for layer in self.layers}
 
 
-def _find_data_parallel(model: nn.Module) -> nn.DataParallel | None:
+def find_data_parallel(model: nn.Module) -> nn.DataParallel | None:
     """The DataParallel wrapper in a nest of wrappers (DDP, torch.compile), if any."""
     while True:
         if isinstance(model, nn.DataParallel):
@@ -323,7 +336,7 @@ def _find_data_parallel(model: nn.Module) -> nn.DataParallel | None:
 def _parallel_like(model: nn.Module, extractor: nn.Module) -> nn.Module:
     # Under DDP each rank extracts its own shard (nothing to sync, so no DDP wrapper);
     # a compiled model's extractor is not recompiled: one pass rarely pays for compiling.
-    wrapper = _find_data_parallel(model)
+    wrapper = find_data_parallel(model)
     if wrapper is None:
         return extractor
     # Split the pruned module over the model's GPUs, rather than calling it through
@@ -361,14 +374,14 @@ def build_extractor(
         "fx" or "hooks" (hooks are on the model only while the extractor runs).
     """
     plain = unwrap_model(model)
-    names = _check_layers(plain, layers)
-    pool = _check_pool(pool)
+    names = check_layers(plain, layers)
+    pool = check_pool(pool)
     if method not in EXTRACT_METHODS:
         raise ConfigError(f"Argument `method` should be one of auto, fx, hooks, got {method!r}")
     extractor: nn.Module | None = None
     if method != "hooks":
         try:
-            with _modes_kept(plain):
+            with modes_kept(plain):
                 extractor = _fx_extractor(plain, names, pool)
         except _Untraceable as err:
             if method == "fx":

@@ -20,13 +20,13 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 
 from ember.errors import ConfigError, EmberError
 from ember.handlers.feature_store import (
-    _RESERVED,
+    RESERVED_NAMES,
     FeatureResult,
-    _move_into_place,
-    _numpy_ready,
-    _temp_sibling,
-    _write_meta,
     check_output_path,
+    move_into_place,
+    numpy_ready,
+    temp_sibling,
+    write_meta,
 )
 
 __all__ = ["FeatureSink", "sampler_indices"]
@@ -107,7 +107,7 @@ class FeatureSink:
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.layers = list(layers)
-        reserved = [name for name in self.layers if name in _RESERVED]
+        reserved = [name for name in self.layers if name in RESERVED_NAMES]
         if reserved:
             raise ConfigError(f"Layer name {reserved[0]!r} is reserved for the {reserved[0]}.npy file")
         self.meta = dict(meta or {})
@@ -148,7 +148,7 @@ class FeatureSink:
         self._offset = 0
         self._written = np.zeros(len(self._order), dtype=bool)
         if self._writes_files:
-            self._tmp = _temp_sibling(self.output, folder=True)
+            self._tmp = temp_sibling(self.output, folder=True)
             np.save(self._tmp / "indices.npy", self._order)
 
     def write(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
@@ -176,8 +176,8 @@ class FeatureSink:
         # sort rows by position, keep the first of repeated samples (sampler padding)
         positions, first = np.unique(positions, return_index=True)
         keep = torch.from_numpy(first)
-        arrays = {name: _numpy_ready(features[name])[keep] for name in self.layers}
-        arrays["labels"] = _numpy_ready(labels)[keep]
+        arrays = {name: numpy_ready(features[name])[keep] for name in self.layers}
+        arrays["labels"] = numpy_ready(labels)[keep]
         if not self._files and not self._buffers:
             self._allocate(arrays)
         for name, values in arrays.items():
@@ -237,14 +237,14 @@ class FeatureSink:
             return result
         if self._writes_files:
             self._close_files()
-            _write_meta(self._tmp, {**self.meta, "layers": self.layers, "num_rows": len(self._order)})
+            write_meta(self._tmp, {**self.meta, "layers": self.layers, "num_rows": len(self._order)})
             if self.output.exists() and not (self._overwrite or self._produced):
                 self.abort()
                 raise ConfigError(
                     f"Argument `output`: {str(self.output)!r} appeared during extraction; "
                     "pass overwrite=True to replace it"
                 )
-            _move_into_place(self._tmp, self.output)
+            move_into_place(self._tmp, self.output)
             self._tmp = None
             self._produced = True
             logger.info("features of %d rows streamed to %s", len(self._order), self.output)

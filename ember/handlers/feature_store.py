@@ -25,11 +25,20 @@ from torch.utils.data import Dataset
 
 from ember.errors import ConfigError, EmberError
 
-__all__ = ["FeatureResult", "check_output_path", "export_projector"]
+__all__ = [
+    "RESERVED_NAMES",
+    "FeatureResult",
+    "check_output_path",
+    "export_projector",
+    "move_into_place",
+    "numpy_ready",
+    "temp_sibling",
+    "write_meta",
+]
 
 logger = logging.getLogger(__name__)
 
-_RESERVED = ("labels", "indices")
+RESERVED_NAMES = ("labels", "indices")
 _META_FILE = "features.json"
 _TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -84,20 +93,20 @@ class FeatureResult:
                 "labels": _as_tensor(self.labels),
                 "indices": _as_tensor(self.indices),
             }
-            tmp = _temp_sibling(target, folder=False)
+            tmp = temp_sibling(target, folder=False)
             try:
                 torch.save(payload, tmp)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
         elif target.suffix in ("", ".npy"):
-            tmp = _temp_sibling(target, folder=True)
+            tmp = temp_sibling(target, folder=True)
             try:
                 for name, rows in self.features.items():
                     np.save(tmp / f"{name}.npy", _as_numpy(rows))
                 np.save(tmp / "labels.npy", _as_numpy(self.labels))
                 np.save(tmp / "indices.npy", _as_numpy(self.indices))
-                _write_meta(tmp, {**self.meta, "layers": self.layers, "num_rows": len(self)})
+                write_meta(tmp, {**self.meta, "layers": self.layers, "num_rows": len(self)})
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -106,7 +115,7 @@ class FeatureResult:
                 f"Argument `path` should end in .pt, .pth or .npy (a folder of .npy files), "
                 f"got {str(path)!r}"
             )
-        _move_into_place(tmp, target)
+        move_into_place(tmp, target)
         logger.info("saved features of %d rows (%s) to %s", len(self), ", ".join(self.layers), target)
         return target
 
@@ -130,7 +139,7 @@ class FeatureResult:
                 ) from None
         meta = json.loads((path / _META_FILE).read_text()) if (path / _META_FILE).exists() else {}
         layers = meta.get("layers") or sorted(
-            p.stem for p in path.glob("*.npy") if p.stem not in _RESERVED
+            p.stem for p in path.glob("*.npy") if p.stem not in RESERVED_NAMES
         )
         features = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in layers}
         labels = np.load(path / "labels.npy", mmap_mode="r")
@@ -144,12 +153,12 @@ def _as_tensor(rows: Array) -> torch.Tensor:
 
 def _as_numpy(rows: Array) -> np.ndarray:
     if isinstance(rows, torch.Tensor):
-        return _numpy_ready(rows).numpy()
+        return numpy_ready(rows).numpy()
     return np.asarray(rows)
 
 
-def _numpy_ready(rows: torch.Tensor) -> torch.Tensor:
-    # numpy has no bfloat16: such rows are stored as float32
+def numpy_ready(rows: torch.Tensor) -> torch.Tensor:
+    """Rows on the CPU in a dtype numpy has (bfloat16 becomes float32)."""
     rows = rows.detach().cpu()
     return rows.float() if rows.dtype == torch.bfloat16 else rows
 
@@ -175,7 +184,8 @@ def check_output_path(path: str | Path, *, overwrite: bool, argument: str = "out
     return target
 
 
-def _temp_sibling(target: Path, *, folder: bool) -> Path:
+def temp_sibling(target: Path, *, folder: bool) -> Path:
+    """A new temporary file or folder beside ``target``, to be moved into place when complete."""
     prefix = f".{target.name}.partial-"
     if folder:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
@@ -184,7 +194,7 @@ def _temp_sibling(target: Path, *, folder: bool) -> Path:
     return Path(name)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
+def move_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``, replacing what is there only once ``tmp`` is complete."""
     if target.is_dir() and not target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -198,7 +208,8 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
+def write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
+    """Write ``features.json`` (how the features were made) into ``folder``."""
     (folder / _META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 

@@ -34,14 +34,14 @@ from ember.engine import (
 )
 from ember.errors import ConfigError
 from ember.handlers.feature_graph import (
-    _check_layers,
-    _check_pool,
-    _find_data_parallel,
-    _modes_kept,
-    _pooled,
     build_extractor,
+    check_layers,
+    check_pool,
+    find_data_parallel,
     get_submodule,
     list_layers,
+    modes_kept,
+    pooled,
 )
 from ember.handlers.feature_sink import FeatureSink, sampler_indices
 from ember.handlers.feature_store import FeatureResult, export_projector
@@ -126,8 +126,8 @@ def extract_features(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"Argument `model` should be a torch.nn.Module, got {type(model).__name__}")
     plain = unwrap_model(model)
-    names = _check_layers(plain, layers)
-    pool = _check_pool(pool)
+    names = check_layers(plain, layers)
+    pool = check_pool(pool)
     dtype = amp_dtype(amp)
     resolved = _check_device(model, device)
     indices = sampler_indices(loader)
@@ -143,7 +143,7 @@ def extract_features(
         Events.ITERATION_COMPLETED, lambda e: sink.write(e.state.output["features"], e.state.output["y"])
     )
     try:
-        with _modes_kept(plain):
+        with modes_kept(plain):
             extractor.eval()
             engine.run(loader, max_epochs=1)
         return sink.finish()
@@ -204,8 +204,8 @@ class FeatureExtractor:
     ) -> None:
         self.model = model
         plain = unwrap_model(model)
-        self.layers = _check_layers(plain, layers)
-        self.pool = _check_pool(pool)
+        self.layers = check_layers(plain, layers)
+        self.pool = check_pool(pool)
         meta = {"model": type(plain).__name__, "pool": pool}
         self._sink = FeatureSink(self.layers, output=output, overwrite=overwrite, meta=meta)
         self.result: FeatureResult | None = None
@@ -240,7 +240,7 @@ class FeatureExtractor:
 
     def _record(self, layer: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._recording:
-            value = _pooled(layer, output, self.pool, copy=True)
+            value = pooled(layer, output, self.pool, copy=True)
             self._chunks.setdefault(layer, {}).setdefault(value.device, value)  # first call per GPU
 
     def _epoch_started(self, engine: Engine) -> None:
@@ -284,7 +284,7 @@ class FeatureExtractor:
 
 
 def _data_parallel_ids(model: nn.Module) -> list[int]:
-    wrapper = _find_data_parallel(model)
+    wrapper = find_data_parallel(model)
     return [] if wrapper is None else [int(i) for i in wrapper.device_ids]
 
 
