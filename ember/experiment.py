@@ -114,10 +114,7 @@ def _resume_target(resume: str | Path, overrides: Sequence[str]) -> tuple[Config
     if last is None:
         raise CheckpointError(f"Run folder '{run_dir}' holds no last checkpoint to resume from")
     state = read_checkpoint(last)["trainer"]
-    epoch_length = state.get("epoch_length") or 0
-    done = state["epoch"] >= config.trainer.max_epochs and (
-        not epoch_length or state["iteration"] % epoch_length == 0
-    )
+    done = _trained_out(state["iteration"], state.get("epoch_length"), config.trainer.max_epochs)
     if done and not (run_dir / "summary.json").exists():
         logger.info("run %s finished training but has no summary: testing it now", run_dir)
     elif done:
@@ -337,7 +334,8 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
         if resume_from is not None:
             handlers.manager.resume(resume_from, expected_model=exp.model_spec)
         _log_start(exp, run_dir)
-        if not _trained_out(exp.trainer.state, config.trainer.max_epochs):
+        state = exp.trainer.state
+        if not _trained_out(state.iteration, state.epoch_length, config.trainer.max_epochs):
             exp.trainer.run(exp.loaders.train, max_epochs=config.trainer.max_epochs)
         if handlers.interrupt.signum is not None:
             raise _interrupted(handlers, run_dir)
@@ -373,10 +371,9 @@ def _train(config: Config, *, run_dir: Path | None, resume_from: Path | None) ->
             log_handler.close()
 
 
-def _trained_out(state: Any, max_epochs: int) -> bool:
-    """Whether a (resumed) trainer state has already run all ``max_epochs`` epochs."""
-    length = state.epoch_length
-    return bool(length) and state.iteration >= length * max_epochs
+def _trained_out(iteration: int, epoch_length: int | None, max_epochs: int) -> bool:
+    """Whether a (resumed) run has already trained all ``max_epochs`` epochs."""
+    return bool(epoch_length) and iteration >= epoch_length * max_epochs
 
 
 def _new_run_dir(config: Config) -> Path:

@@ -28,3 +28,13 @@ def tiny_data() -> TensorDataset:
 @pytest.fixture
 def tiny_loader(tiny_data) -> DataLoader:
     return DataLoader(tiny_data, batch_size=16, shuffle=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the numerics of the subprocesses that train with
+    OMP_NUM_THREADS=1 (bitwise comparisons), and no CPU oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

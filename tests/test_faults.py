@@ -42,13 +42,8 @@ ITERATION_LINE = r"^epoch (\d+) iter (\d+)/\d+ loss"  # ember's progress line, o
 KILL_TRIALS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The numerics of the subprocesses (OMP_NUM_THREADS=1), for bitwise comparisons."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread, as the subprocesses use (the fixture is in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,8 @@ def _assert_same_weights(expected: dict, actual: dict) -> None:
         assert torch.equal(expected[key], actual[key]), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same numerics as the subprocesses (ckpt_train.main uses one thread), no CPU oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread, as the subprocesses use (the fixture is in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
